@@ -5,7 +5,8 @@
 """
 
 from ltq.methods.base import Classifier
+from ltq.methods.metaquant import MetaQuant
 
-METHODS = {"fp": Classifier}
+METHODS = {"fp": Classifier, "metaquant": MetaQuant}
 
-__all__ = ["Classifier", "METHODS"]
+__all__ = ["Classifier", "MetaQuant", "METHODS"]
