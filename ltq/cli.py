@@ -70,7 +70,10 @@ def _build_cli_class():
 
     class LTQCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            from ltq.callbacks.stats import QuantStats
+
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(QuantStats, "quant_stats")
             parser.set_defaults(
                 {
                     "checkpoint.monitor": "val/acc1",
@@ -104,12 +107,32 @@ def _build_cli_class():
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": root, "name": "logs"},
                 }
+            _configure_wandb(trainer, cfg, self.subcommand, model_cls, backbone, data_cls)
             ckpt = cfg.get("ckpt_path")
             if ckpt not in (None, "last", "best", "hpc") and not Path(ckpt).is_file():
                 raise ConfigError(f"ckpt_path={ckpt!r} does not exist")
             if ckpt == "last" and not Path(cfg["checkpoint"]["dirpath"], "last.ckpt").is_file():
                 # Lightning would silently start from scratch; say so instead.
                 log.warning("ckpt_path=last: no %s yet, starting a fresh run", Path(cfg["checkpoint"]["dirpath"], "last.ckpt"))
+
+        def _log_resolved_config(self) -> None:
+            """Give every logger the resolved config (W&B shows it as the run config)."""
+            import yaml
+
+            cfg = self.config[self.subcommand]
+            try:
+                resolved = yaml.safe_load(self._subcommand_parsers[self.subcommand].dump(cfg, skip_none=False, skip_check=True))
+            except Exception:  # a config that cannot be dumped is still a valid run
+                return
+            for lg in self.trainer.loggers:
+                if type(lg).__name__ == "WandbLogger":
+                    lg.experiment.config.update({"ltq_config": resolved}, allow_val_change=True)
+
+        def before_fit(self) -> None:
+            self._log_resolved_config()
+
+        def before_test(self) -> None:
+            self._log_resolved_config()
 
         def after_fit(self) -> None:
             cfg = self.config[self.subcommand]
@@ -134,6 +157,45 @@ def _build_cli_class():
     return make
 
 
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _configure_wandb(trainer, cfg, subcommand, method: str, backbone: str, dataset: str) -> None:
+    """Fill W&B grouping defaults (group = method, tags = backbone/dataset/bits, job type = sub-command).
+
+    Without an API key and without WANDB_MODE, wandb would try to log in and fail after several
+    seconds: default to offline mode and say so (sync later with ``wandb sync <dir>``).
+    """
+    loggers = trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    for lg in loggers:
+        if not hasattr(lg, "get") or not str(lg.get("class_path", "")).endswith("WandbLogger"):
+            continue
+        args = lg.get("init_args")
+        if args is None:
+            lg["init_args"] = args = {}
+        margs = cfg["model"]["init_args"]
+        bits = margs.get("w_bits", margs.get("bits"))
+        defaults = {
+            "project": "ltq",
+            "group": method,
+            "job_type": subcommand,
+            "tags": [t for t in (backbone, dataset, f"w{bits}" if bits is not None else "fp32") if t],
+            "save_dir": trainer["default_root_dir"],
+            "name": f"{method}-{backbone}-{dataset}" + (f"-w{bits}" if bits is not None else ""),
+        }
+        for key, value in defaults.items():
+            if args.get(key) in (None, [], "", "."):
+                args[key] = value
+        if not os.environ.get("WANDB_MODE") and not args.get("offline") and not _wandb_has_key():
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("W&B: no API key configured, logging offline to %s (sync later: wandb sync <run dir>)", args["save_dir"])
+
+
 def _formatter():
     from jsonargparse import DefaultHelpFormatter
     import argparse
@@ -151,6 +213,13 @@ def run_cli(args: list[str] | None = None):
     import ltq.data  # noqa: F401
 
     return _build_cli_class()(args)
+
+
+def _finish_wandb() -> None:
+    """Flush and close a W&B run (offline runs are complete on disk only after this)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _find_config_error(exc: BaseException) -> ConfigError | None:
@@ -177,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             _quiet()
             return report_main(argv[1:])
         run_cli(argv)
+        _finish_wandb()
         return 0
     except ConfigError as exc:
         print(f"ltq: error: {exc}", file=sys.stderr)
