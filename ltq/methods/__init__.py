@@ -5,8 +5,10 @@
 """
 
 from ltq.methods.base import Classifier
+from ltq.methods.apot import APoT
 from ltq.methods.metaquant import MetaQuant
+from ltq.methods.ttq import TTQ
 
-METHODS = {"fp": Classifier, "metaquant": MetaQuant}
+METHODS = {"fp": Classifier, "ttq": TTQ, "apot": APoT, "metaquant": MetaQuant}
 
-__all__ = ["Classifier", "MetaQuant", "METHODS"]
+__all__ = ["Classifier", "TTQ", "APoT", "MetaQuant", "METHODS"]

@@ -18,9 +18,19 @@ from ltq.quant.observers import (
 )
 from ltq.quant.pack import pack_bits, size_report, unpack_bits
 from ltq.quant.ste import ceil_ste, floor_ste, grad_scale, round_ste, sign_ste, ste
+from ltq.quant.apot import APoTQuantizer, apot_quantize, build_levels
+from ltq.quant.binary import BWNWeightQuantizer, DoReFaWeightQuantizer
+from ltq.quant.ttq import TTQQuantizer, ttq_quantize
 from ltq.quant.uniform import UniformQuantizer, check_bits, fake_quantize, qparams, quant_range, quantize_dequantize
 
 __all__ = [
+    "APoTQuantizer",
+    "apot_quantize",
+    "build_levels",
+    "BWNWeightQuantizer",
+    "DoReFaWeightQuantizer",
+    "TTQQuantizer",
+    "ttq_quantize",
     "ste",
     "round_ste",
     "floor_ste",
