@@ -12,17 +12,27 @@ Defaults that make runs reproducible and resumable:
 
 * ``trainer.default_root_dir`` defaults to ``runs/<method>/<backbone>_<dataset>``;
 * a ModelCheckpoint on ``val/acc1`` (max) writes ``<root>/checkpoints/best.ckpt`` and ``last.ckpt``,
-  so ``--ckpt_path last`` resumes and ``--ckpt_path <root>/checkpoints/best.ckpt`` tests;
+  so ``--ckpt_path last`` resumes and ``--ckpt_path <root>/checkpoints/best.ckpt`` tests
+  (``--checkpoint.every_n_train_steps N`` adds mid-epoch saves; a resume is exact, see
+  ``docs/RELIABILITY.md``);
+* a :class:`~ltq.callbacks.guards.NumericalGuard` (``--guard.*``) stops the run at a NaN/Inf loss or
+  a collapsed quantizer scale before the bad state is checkpointed;
 * the logger defaults to a CSVLogger under ``<root>/logs`` (TensorBoard/W&B via the config).
 
-Configuration mistakes (:class:`ltq.errors.ConfigError`) are printed as one line, without a
-traceback, with exit status 2.
+Mistakes are printed as one line ``ltq: error: ...`` without a traceback or usage text, with exit
+status 2: ltq's :class:`~ltq.errors.ConfigError`, jsonargparse's parse errors (condensed by
+:func:`summarize_argument_error` to the key and the cause) and Lightning's
+``MisconfigurationException``. A diverged run (:class:`~ltq.callbacks.guards.NumericalError`) is one
+line with exit status 1.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +71,9 @@ def _epilog() -> str:
     )
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def _build_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -69,10 +82,19 @@ def _build_cli_class():
     from ltq.methods.base import Classifier
 
     class LTQCLI(LightningCLI):
+        _only_subcommand: str | None = None
+
+        def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+            subs = LightningCLI.subcommands()
+            only = self._only_subcommand
+            return {only: subs[only]} if only in subs else subs
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            from ltq.callbacks.guards import NumericalGuard
             from ltq.callbacks.stats import QuantStats
 
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(NumericalGuard, "guard")
             parser.add_lightning_class_args(QuantStats, "quant_stats")
             parser.set_defaults(
                 {
@@ -102,6 +124,13 @@ def _build_cli_class():
             root = trainer["default_root_dir"]
             if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
                 cfg["checkpoint"]["dirpath"] = os.path.join(root, "checkpoints")
+            ck = cfg.get("checkpoint")
+            if (ck is not None and (ck.get("every_n_train_steps") or ck.get("train_time_interval"))
+                    and ck.get("save_on_train_epoch_end") is None):
+                # Mid-epoch checkpoints (for an exact resume after a kill): Lightning 2.6 would
+                # otherwise score best.ckpt at the end of an epoch with the *previous* validation
+                # result and drop the save it deferred in epoch 0; save after validation instead.
+                ck["save_on_train_epoch_end"] = False
             if trainer.get("logger") in (None, True):
                 trainer["logger"] = {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -114,6 +143,63 @@ def _build_cli_class():
             if ckpt == "last" and not Path(cfg["checkpoint"]["dirpath"], "last.ckpt").is_file():
                 # Lightning would silently start from scratch; say so instead.
                 log.warning("ckpt_path=last: no %s yet, starting a fresh run", Path(cfg["checkpoint"]["dirpath"], "last.ckpt"))
+            elif ckpt == "last":  # a corrupt last.ckpt (e.g. the disk filled up) is one line, not a traceback
+                from ltq.methods.base import read_checkpoint
+
+                last = Path(cfg["checkpoint"]["dirpath"], "last.ckpt")
+                read_checkpoint(last, label=f"ckpt_path=last ({last})")
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning rebuilds the model from the hyper-parameters recorded in ``--ckpt_path``.
+
+            ltq first reads the file safely (``weights_only=True``, one-line error if it is
+            missing, truncated or not a checkpoint). For ``fit`` (resuming a run) a checkpoint of
+            another method, backbone or bit-width than the config's is refused with the list of
+            differences; for ``validate``/``test``/``predict`` the checkpoint's model is used (so
+            ``ltq test --ckpt_path`` rebuilds the model that was trained) and the differences are
+            logged.
+            """
+            sub = self.config.get("subcommand")
+            if not sub:
+                return
+            ckpt_path = self.config[sub].get("ckpt_path")
+            if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
+                return  # checked in before_instantiate_classes
+            from ltq.methods.base import _class_name, checkpoint_differences, checkpoint_method, read_checkpoint
+
+            ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+                raise ConfigError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (no state_dict); "
+                                  "a plain state_dict of a backbone goes to --model.fp_checkpoint")
+            hparams = dict(ckpt.get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            model_cfg = self.config[sub].get("model")
+            cls = _import_class(model_cfg.get("class_path")) if model_cfg is not None else None
+            if cls is not None:
+                init_args = model_cfg.get("init_args")
+                init_args = dict(init_args.as_dict() if hasattr(init_args, "as_dict") else (init_args or {}))
+                linked = ("num_classes", "in_channels")  # set from the data module at instantiation
+                init_args = {k: v for k, v in init_args.items() if k not in linked}
+                hparams_cmp = {k: v for k, v in hparams.items() if k not in linked}
+                diffs = checkpoint_differences({**ckpt, "hyper_parameters": hparams_cmp}, cls, init_args)
+                if diffs and sub == "fit":
+                    hint = ""
+                    if _class_name(checkpoint_method(ckpt)) == "Classifier" and cls.__name__ != "Classifier":
+                        hint = f"; to start {cls.__name__} from full-precision weights use --model.fp_checkpoint instead"
+                    raise ConfigError(f"ckpt_path={ckpt_path!r} is a checkpoint of another run ({'; '.join(diffs)}); "
+                                      f"resume with that run's config{hint}")
+                if diffs:
+                    log.warning("ckpt_path=%s: using the checkpoint's model, which differs from the config's (%s)",
+                                ckpt_path, "; ".join(diffs))
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            try:
+                self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+            except argparse.ArgumentError as exc:
+                raise ConfigError(f"ckpt_path={ckpt_path!r}: the model recorded in the checkpoint cannot be rebuilt: "
+                                  f"{summarize_argument_error(str(exc))}") from None
 
         def _log_resolved_config(self) -> None:
             """Give every logger the resolved config (W&B shows it as the run config)."""
@@ -143,13 +229,24 @@ def _build_cli_class():
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
     def make(args=None):
+        argv = sys.argv[1:] if args is None else args
+        # Building a sub-command's parser costs ~0.2 s (Trainer, model, data, callbacks
+        # signatures): build only the one asked for; all of them for `ltq --help` or a typo.
+        only = argv[0] if isinstance(argv, (list, tuple)) and argv and argv[0] in SUBCOMMANDS else None
+        LTQCLI._only_subcommand = only
         return LTQCLI(
             Classifier,
             ClassificationDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "ltq: quantized network training (LightningCLI)", "formatter_class": _formatter()},
+            # exit_on_error=False: jsonargparse raises ArgumentError instead of printing the whole
+            # usage text; main() prints it as one line (--help still prints and exits 0)
+            parser_kwargs={
+                "description": "ltq: quantized network training (LightningCLI)", "formatter_class": _formatter(),
+                "exit_on_error": False,
+                **{sub: {"exit_on_error": False} for sub in ([only] if only else SUBCOMMANDS)},
+            },
             args=args,
             auto_configure_optimizers=False,
         )
@@ -222,6 +319,119 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
+def _import_class(class_path) -> type | None:
+    """The class named by a config's ``class_path`` (None if it cannot be imported)."""
+    import importlib
+
+    if not class_path or "." not in str(class_path):
+        return None
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value type:|Given value:|"
+    r"Expected a <class 'NoneType'>|tip: )"
+)
+
+
+def _init_params(class_path: str | None) -> list[str]:
+    import inspect
+
+    cls = _import_class(class_path)
+    if cls is None:
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:  # **kwargs of a subclass are forwarded to its parents
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
+                names.append(p.name)
+        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+            break
+    return names
+
+
+def summarize_argument_error(message: str) -> str:
+    """One line naming the key out of jsonargparse's nested, multi-line parse error.
+
+    E.g. ``Parser key "model": ... Problem with given class_path 'ltq.methods.Classifier':
+    Option 'lrr' is not accepted ...`` becomes ``model.lrr: Classifier has no option 'lrr'
+    (did you mean 'lr'?)``.
+    """
+    keys: list[str] = []
+    class_path = None
+    details: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip()
+        while line.startswith("- "):
+            line = line[2:].strip()
+        if not line:
+            continue
+        m = re.match(r'Parser key "([^"]+)":\s*(.*)$', line)
+        if m:
+            keys.append(m.group(1))
+            line = m.group(2).strip()
+            if not line:
+                continue
+        m = re.match(r"Problem with given class_path '([^']+)':", line)
+        if m:
+            class_path = m.group(1)
+            continue
+        if _NOISE.match(line):
+            continue
+        details.append(line)
+    key = ".".join(keys)
+    detail = details[0] if details else " ".join(message.split())
+    m = re.match(r"Option '([^']+)' is not accepted", detail)
+    if m:
+        opt = m.group(1)
+        cls_name = str(class_path).rsplit(".", 1)[-1] if class_path else key
+        close = difflib.get_close_matches(opt, _init_params(class_path), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key + '.' if key else ''}{opt}: {cls_name} has no option '{opt}'{hint}"
+    m = re.match(r"Expected a dot import path string: (.+)$", detail) or (
+        re.match(r"Expected a path but (.+) either not accessible or invalid", detail))
+    if m or any("Expected a dot import path string" in d for d in details):
+        name = m.group(1) if m else detail
+        allowed = ""
+        if key in ("model", "data"):
+            from ltq.data import DATAMODULES
+            from ltq.methods import METHODS
+
+            table = METHODS if key == "model" else DATAMODULES
+            allowed = "; allowed: " + ", ".join(c.__name__ for c in table.values()) + " (or a full class path)"
+        return f"{key}={name!r} is not a known class{allowed}"
+    m = re.match(r"Subcommand '(\w+)' does not accept option '([^']+)'", detail)
+    if m:
+        return f"{m.group(2)}: unknown option of `{m.group(1)}` (check the spelling of this key in the config / command line)"
+    m = re.match(r"Expected a (.+?)\. Got value: (.*)$", detail)
+    if m:
+        what = re.sub(r"<class '([\w.]+)'>", r"\1", m.group(1))
+        return f"{key}: expected a {what}, got {m.group(2)!r}"
+    if detail.startswith("Problems parsing config"):  # YAML syntax error
+        text = " ".join(details)
+        what = re.findall(r"(did not find expected [^\n]+?|expected [^\n]+?|found [^\n]+?|mapping values are not allowed here)"
+                          r"\s+in \"<unicode string>\"", text)
+        where = re.findall(r"line (\d+), column (\d+)", text)
+        if what:
+            loc = f" (line {where[-1][0]}, column {where[-1][1]})" if where else ""
+            return f"config: invalid YAML: {what[-1]}{loc}"
+        return "config: invalid YAML: " + " ".join(text.replace("Problems parsing config:", "").split())
+    detail = re.sub(r"<class '([\w.]+)'>", r"\1", " ".join(detail.split()))
+    detail = detail[0].lower() + detail[1:] if detail[:1].isupper() and detail[1:2].islower() else detail
+    return f"{key}: {detail}" if key and not detail.startswith(key) else detail
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _find_config_error(exc: BaseException) -> ConfigError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -249,15 +459,28 @@ def main(argv: list[str] | None = None) -> int:
         _finish_wandb()
         return 0
     except ConfigError as exc:
-        print(f"ltq: error: {exc}", file=sys.stderr)
+        print(f"ltq: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as exc:  # a config/command-line mistake found by jsonargparse
+        print(f"ltq: error: {summarize_argument_error(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        from ltq.callbacks.guards import NumericalError
+
+        if isinstance(exc, NumericalError):  # the run diverged: not a config mistake, exit status 1
+            print(f"ltq: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
         # jsonargparse wraps errors raised while instantiating classes; unwrap ours.
         inner = _find_config_error(exc)
-        if inner is None:
-            raise
-        print(f"ltq: error: {inner}", file=sys.stderr)
-        return 2
+        if inner is not None:
+            print(f"ltq: error: {_one_line(inner)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, MisconfigurationException):  # Lightning's own option checks (trainer.*)
+            print(f"ltq: error: trainer: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("ltq: interrupted; resume with --ckpt_path last", file=sys.stderr)
         return 130

@@ -259,3 +259,18 @@ def real_fashion_mnist_gz_dir() -> Path:
     if not (d / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real Fashion-MNIST not available under {d}")
     return d
+
+
+# =============================================================================================
+# Global torch state: a test that runs a config with `trainer.deterministic: true` switches on
+# torch.use_deterministic_algorithms for the whole process; restore it after every test so later
+# tests (e.g. the int8 path, whose quantized resize has no deterministic variant) are unaffected.
+# =============================================================================================
+@pytest.fixture(autouse=True)
+def _restore_torch_determinism():
+    import torch
+
+    flag = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)

@@ -1,6 +1,7 @@
 """Lightning callbacks for scheduled quantization work."""
 
+from ltq.callbacks.guards import NumericalError, NumericalGuard
 from ltq.callbacks.requantize import Requantize, requantize_model
 from ltq.callbacks.stats import QuantStats
 
-__all__ = ["QuantStats", "Requantize", "requantize_model"]
+__all__ = ["NumericalError", "NumericalGuard", "QuantStats", "Requantize", "requantize_model"]

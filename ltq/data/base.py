@@ -12,12 +12,33 @@ augmenting transform, validation/test/calibration with the deterministic eval tr
 
 A subclass supplies the raw sources (datasets yielding ``(PIL image, int label)``) and the two
 transforms; this class wraps them with :class:`torch.utils.data.Subset` and builds the loaders.
+
+Training order and exact resume
+-------------------------------
+The training loader is a :class:`ResumableDataLoader` over a :class:`ResumableSampler`, so a run
+stopped in the middle of an epoch and resumed from a checkpoint (``--ckpt_path last``) sees exactly
+the batches, augmentations and random numbers the uninterrupted run would have seen:
+
+* **order**: each loader draws one seed ``s`` from torch's global generator when it is created
+  (so ``seed_everything`` fixes it); epoch ``e`` visits the training indices in the order
+  ``torch.randperm(n, generator=Generator().manual_seed(s + e))`` (the
+  :class:`~torch.utils.data.DistributedSampler` rule, one slice per DDP rank);
+* **augmentation**: sample ``i`` of epoch ``e`` is augmented with torch's default CPU generator
+  temporarily seeded with ``hash(s, e, i)`` (:func:`sample_seed`) and restored afterwards, so the
+  random crop/flip of a sample is a function of ``(s, e, i)`` only: the same with 0 or 8 workers,
+  and the same after a resume;
+* **position**: the loader counts the batches it has handed out in the current epoch;
+  Lightning saves :meth:`ResumableDataLoader.state_dict` (seed, epoch, batches, and the global
+  RNG states that dropout etc. draw from) in every checkpoint and calls
+  :meth:`~ResumableDataLoader.load_state_dict` before it iterates again, which skips the
+  batches already trained on and restores the RNG states.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +46,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ltq.errors import ConfigError
 
@@ -145,7 +166,13 @@ def list_class_images(directory: str | os.PathLike, classes: Sequence[str], opti
 
 
 class TransformedDataset(Dataset):
-    """``(transform(image), label)`` over a source of ``(image, label)``; the source is shared, not copied."""
+    """``(transform(image), label)`` over a source of ``(image, label)``; the source is shared, not copied.
+
+    The index may be an ``int`` (the transform draws from torch's global generator, as usual) or
+    a pair ``(int, seed)`` as yielded by :class:`ResumableSampler`: the transform then runs with
+    torch's default CPU generator seeded with ``seed``, whose previous state is restored
+    afterwards (about 4 µs per sample), so the augmentation depends on ``seed`` only.
+    """
 
     def __init__(self, source: Dataset, transform: Callable | None):
         self.source, self.transform = source, transform
@@ -153,11 +180,174 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index) -> tuple[Any, int]:
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
         img, label = self.source[index]
         if self.transform is not None:
-            img = self.transform(img)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                gen = torch.default_generator
+                state = gen.get_state()
+                gen.manual_seed(seed)
+                try:
+                    img = self.transform(img)
+                finally:
+                    gen.set_state(state)
         return img, int(label)
+
+
+class SeededSubset(Subset):
+    """:class:`~torch.utils.data.Subset` that also accepts the ``(position, seed)`` indices of
+    :class:`ResumableSampler` and forwards ``(indices[position], seed)`` to its dataset."""
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            i, seed = idx
+            return self.dataset[(self.indices[i], seed)]
+        return super().__getitem__(idx)
+
+    def __getitems__(self, indices: list) -> list:  # the DataLoader's batched fetch
+        return [self[idx] for idx in indices]
+
+
+# ------------------------------------------------------------------------------- exact resume
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of sample ``index`` in ``epoch`` of a loader seeded with ``seed``.
+
+    A 64-bit mix (splitmix64 finaliser) of the three numbers, so neighbouring samples/epochs get
+    unrelated streams.
+    """
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(index)) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffling sampler keyed on ``(seed, epoch)`` that can start in the middle of an epoch.
+
+    The order is :class:`~torch.utils.data.DistributedSampler`'s (``randperm`` seeded with
+    ``seed + epoch``, padded to a multiple of ``num_replicas``, rank ``r`` takes positions
+    ``r, r + num_replicas, ...``); being a ``DistributedSampler``, Lightning keeps it under DDP
+    instead of wrapping it. Each item is ``(index, sample_seed(seed, epoch, index))``.
+    :meth:`resume_from` makes the next iteration over ``epoch`` skip its first ``skip`` items.
+    Lightning calls :meth:`set_epoch` at the start of every epoch; iterating again without it
+    (a plain PyTorch loop) moves on to the next epoch, so every pass is shuffled anew.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=int(seed), drop_last=False)
+        self._resume: tuple[int, int] | None = None
+        self._iterated = False  # this epoch was iterated (and set_epoch not called since)
+        self.skipped = 0  # items skipped at the start of the current iteration
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._iterated = False
+
+    def resume_from(self, epoch: int, skip: int) -> None:
+        """Make the next iteration skip its first ``skip`` items if it iterates over ``epoch``."""
+        self.set_epoch(int(epoch))
+        self._resume = (int(epoch), int(skip))
+
+    def __iter__(self):
+        if self._iterated:
+            self.epoch += 1
+        self._iterated = True
+        skip = 0
+        if self._resume is not None:
+            epoch, n = self._resume
+            self._resume = None
+            skip = n if epoch == self.epoch else 0
+        self.skipped = skip
+        indices = list(super().__iter__())
+        seed, epoch = self.seed, self.epoch
+        return iter([(i, sample_seed(seed, epoch, i)) for i in indices[skip:]])
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states in ``torch.load(weights_only=True)``-safe types (tensors, tuples of ints)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": (version, tuple(mt), gauss),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, mt, gauss = state["python"]
+        random.setstate((version, tuple(mt), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class ResumableDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose position in the epoch is saved in checkpoints.
+
+    Lightning treats a loader with ``state_dict``/``load_state_dict`` as resumable: it stores
+    :meth:`state_dict` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and,
+    when a fit resumes, calls :meth:`load_state_dict` before iterating. The state is
+    ``{"seed", "epoch", "batches", "rng"}``: the sampler's seed, the epoch being iterated, the
+    number of batches handed out in it (for a sized loader Lightning fetches exactly one batch per
+    training step, so this is the number of trained batches at the time of the checkpoint), and the
+    global RNG states (torch CPU/CUDA, numpy, python) at that moment. Loading it makes the next
+    iteration of that epoch skip ``batches * batch_size`` samples, or start the next epoch when the
+    epoch was complete, and restores the RNG states, so dropout and other random draws of the
+    training step continue as in the uninterrupted run. Without a :class:`ResumableSampler`
+    (e.g. after Lightning replaced the sampler for ``overfit_batches``) the state is empty.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._batches = 0
+
+    def __iter__(self):
+        sampler = self.sampler if isinstance(self.sampler, ResumableSampler) else None
+        started = False
+        for batch in super().__iter__():
+            if not started:  # the sampler has started this epoch's iteration by now
+                started = True
+                if sampler is not None:
+                    self._epoch = sampler.epoch
+                    self._batches = sampler.skipped // (self.batch_size or 1)
+                else:
+                    self._batches = 0
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if not isinstance(self.sampler, ResumableSampler):
+            return {}
+        return {"seed": int(self.sampler.seed), "epoch": int(self._epoch), "batches": int(self._batches), "rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not state_dict or not isinstance(sampler, ResumableSampler):
+            return
+        sampler.seed = int(state_dict["seed"])
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):  # the epoch was complete: the next one starts from its beginning
+            epoch, batches = epoch + 1, 0
+        sampler.resume_from(epoch, batches * (self.batch_size or 1))
+        self._epoch, self._batches = epoch, batches
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -239,6 +429,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self._train_source: Dataset | None = None
         self._train_indices: list[int] | None = None
         self._sources_built = False
+        self._train_loader: ResumableDataLoader | None = None
+        self._pending_train_state: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- static description
     @property
@@ -298,7 +490,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.limit_train_samples is not None:
             train_idx = train_idx[: self.limit_train_samples]
         self._train_source, self._train_indices = train_src, train_idx
-        self.train_dataset = Subset(TransformedDataset(train_src, train_tf), train_idx)
+        self.train_dataset = SeededSubset(TransformedDataset(train_src, train_tf), train_idx)
         if val_src is not None:
             self.val_dataset = TransformedDataset(val_src, eval_tf)
         elif val_idx:
@@ -315,8 +507,42 @@ class ClassificationDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=persistent and workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training loader that resumes exactly mid-epoch (see the module doc).
+
+        Its shuffle seed is drawn from torch's global generator, so ``seed_everything`` fixes it
+        and two loaders of one DataModule are shuffled differently.
+        """
         self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_dataset, seed=seed, shuffle=True, num_replicas=world, rank=rank)
+        loader = ResumableDataLoader(
+            self.train_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            # worker base seeds from this generator, not the global one (the training step's draws
+            # must not depend on when the loader was iterated)
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if self._pending_train_state:  # resuming from a checkpoint (see load_state_dict)
+            loader.load_state_dict(self._pending_train_state)
+            self._pending_train_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training loader's state (:meth:`ResumableDataLoader.state_dict`).
+
+        Lightning restores a loader's own state only when it resumes *inside* an epoch; a
+        checkpoint written at the end of an epoch (the CLI's default) goes through this one, so
+        the shuffle seed and the RNG states carry over in both cases.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the training loader's state for the next :meth:`train_dataloader` (Lightning calls
+        this before it builds the loaders)."""
+        self._pending_train_state = state_dict.get("train_loader") or None
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

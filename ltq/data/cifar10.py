@@ -35,13 +35,31 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds what a CIFAR batch holds (dicts, lists, strings, numbers and
+    numpy arrays): any other global (a class or function a crafted file could call) is refused,
+    so reading a dataset from an untrusted source cannot run code. The ``pickle`` analogue of
+    ``torch.load(weights_only=True)``."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (not part of a CIFAR-10 batch)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """Load one CIFAR batch; keys come back as ``str`` whether they were pickled as bytes or str."""
     if not path.is_file():
         raise ConfigError(f"data.root: CIFAR-10 batch file {path} is missing")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _BatchUnpickler(f, encoding="latin1").load()
     except Exception as exc:
         raise ConfigError(f"data.root: cannot unpickle CIFAR-10 batch file {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(entry, dict):

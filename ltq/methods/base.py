@@ -12,6 +12,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +33,49 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "plateau")
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def describe_load_error(path: str | Path, exc: BaseException) -> str:
+    """A short, one-line reason why ``torch.load(path, weights_only=True)`` failed."""
+    path = Path(path)
+    text = str(exc)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path) and "Weights only load failed" in text:
+        return "the file is not a PyTorch checkpoint (not a torch.save zip archive; corrupt or another format)"
+    if "Weights only load failed" in text:
+        detail = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln), "")
+        detail = detail.split(". ", 1)[0] if detail else ""
+        return ("it holds Python objects that torch.load(weights_only=True) refuses to unpickle"
+                + (f" ({detail})" if detail else "") + "; ltq only loads tensors and plain containers")
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "the file is truncated or corrupt (its zip archive cannot be read)"
+    if not zipfile.is_zipfile(path):
+        return "the file is not a PyTorch checkpoint (not a torch.save zip archive; corrupt or another format)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}" + (f": {first}" if first else "")
+
+
+def read_checkpoint(path: str | Path, option: str = "ckpt_path", label: str | None = None) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line :class:`ConfigError` messages.
+
+    The messages start with ``label`` (default ``<option>='<path>'``). Zip-format files
+    (everything ``torch.save`` writes since torch 1.6) are memory-mapped, so reading only the
+    metadata of a large checkpoint is cheap.
+    """
+    path = Path(path)
+    label = label or f"{option}={str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{label} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # corrupt file, truncated file, pickle with custom classes...
+        raise ConfigError(f"{label} cannot be read: {describe_load_error(path, exc)}") from None
+
+
+def load_state_dict_file(path: str | Path, option: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a model state_dict from a Lightning checkpoint or a plain ``torch.save``d state_dict.
 
     Lightning checkpoints store the module's keys under ``state_dict`` with a ``model.`` prefix
@@ -41,14 +85,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist (option model.fp_checkpoint / model.init_checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle with custom classes...
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    obj = read_checkpoint(path, option)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state_dict")
+    if obj and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:5]))
+        raise ConfigError(f"checkpoint {str(path)!r} is not a state_dict: its top-level keys ({keys}) hold no tensors")
     if any(k.startswith("model.") for k in obj):
         obj = {k[len("model."):]: v for k, v in obj.items() if k.startswith("model.")}
     return obj
@@ -57,10 +101,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     """The ``hyper_parameters`` a Lightning checkpoint recorded (empty for a plain state_dict)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception:
         return {}
-    return dict(obj.get("hyper_parameters", {})) if isinstance(obj, dict) else {}
+    return dict(obj.get("hyper_parameters") or {}) if isinstance(obj, dict) else {}
 
 
 class Classifier(L.LightningModule):
@@ -85,6 +129,11 @@ class Classifier(L.LightningModule):
     """
 
     method_name = "fp"
+    #: hyper-parameters that change what the network computes (its structure or quantization);
+    #: a checkpoint whose values differ cannot be resumed/tested with this model. Every
+    #: hyper-parameter whose name contains ``bits`` and ``skip_first``/``skip_last``/``overrides``
+    #: are added automatically; subclasses extend the tuple with their own (e.g. a level set).
+    structural_hparams: tuple[str, ...] = ("backbone", "backbone_kwargs", "num_classes", "in_channels")
 
     def __init__(
         self,
@@ -116,8 +165,10 @@ class Classifier(L.LightningModule):
         check_choice("model.scheduler", scheduler, SCHEDULERS)
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"model.lr={lr!r} must be a positive number")
-        if weight_decay < 0:
-            raise ConfigError(f"model.weight_decay={weight_decay!r} must be >= 0")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ConfigError(f"model.weight_decay={weight_decay!r} must be a number >= 0")
+        if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and momentum >= 0):
+            raise ConfigError(f"model.momentum={momentum!r} must be a number >= 0")
         if num_classes is None or num_classes < 1:
             raise ConfigError(f"model.num_classes={num_classes!r} must be a positive integer")
         for i, group in enumerate(param_groups or []):
@@ -126,6 +177,15 @@ class Classifier(L.LightningModule):
             unknown = set(group) - {"pattern", "lr", "weight_decay", "momentum", "betas"}
             if unknown:
                 raise ConfigError(f"model.param_groups[{i}] has unknown keys {sorted(unknown)}; allowed: pattern, lr, weight_decay, momentum, betas")
+            if not isinstance(group["pattern"], str) or not group["pattern"]:
+                raise ConfigError(f"model.param_groups[{i}].pattern={group['pattern']!r} must be a non-empty fnmatch pattern string")
+            for key, lo, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("momentum", 0.0, False)):
+                v = group.get(key)
+                if v is None:
+                    continue
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if strict else v >= lo)
+                if not ok:
+                    raise ConfigError(f"model.param_groups[{i}].{key}={v!r} must be a {'positive' if strict else 'non-negative'} number")
 
         self.model = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels, **(backbone_kwargs or {}))
         if fp_checkpoint:
@@ -166,7 +226,7 @@ class Classifier(L.LightningModule):
             raise ConfigError(
                 f"model.fp_checkpoint {path!r} was trained with backbone {hp['backbone']!r}, but model.backbone is {self.hparams.backbone!r}"
             )
-        state = load_state_dict_file(path)
+        state = load_state_dict_file(path, "model.fp_checkpoint")
         own = self.model.state_dict()
         # A quantized checkpoint holds quantizer state; an FP load takes only the backbone's own keys.
         state = {k: v for k, v in state.items() if k in own or not _is_quantizer_key(k)}
@@ -187,6 +247,56 @@ class Classifier(L.LightningModule):
             )
         self.model.load_state_dict(state)
         log.info("loaded full-precision weights from %s", path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the method class and the running training-metric state (for an exact mid-epoch resume).
+
+        ``checkpoint["ltq"]`` holds plain types and tensors only (``torch.load(weights_only=True)``).
+        """
+        epoch = int(self.trainer.current_epoch) if self._trainer is not None else -1
+        metric = {k: v.detach().cpu().clone() for k, v in self.train_acc1.metric_state.items() if isinstance(v, torch.Tensor)}
+        checkpoint["ltq"] = {
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "train_metric_epoch": epoch,
+            "train_metric_state": metric,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another method, backbone or bit-width with one message listing the
+        differences (Lightning calls this before loading the state), and keep the training-metric
+        state for :meth:`on_train_start`. State that still does not fit is reported by
+        :meth:`load_state_dict`."""
+        problems = checkpoint_differences(checkpoint, type(self), dict(self.hparams))
+        if problems:
+            hint = ""
+            if _class_name(checkpoint_method(checkpoint)) == "Classifier" and type(self).__name__ != "Classifier":
+                hint = f"; to start {type(self).__name__} from full-precision weights use --model.fp_checkpoint instead"
+            raise ConfigError(f"the checkpoint does not fit this model: it differs in {'; '.join(problems)}{hint}")
+        meta = checkpoint.get("ltq") or {}
+        self._pending_train_metric = meta.get("train_metric_epoch"), meta.get("train_metric_state")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` whose strict-mode error is one line (what is missing,
+        unexpected or of another shape, with an example each) instead of the full key lists."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            if "Error(s) in loading state_dict" not in str(exc):
+                raise
+            raise ConfigError(f"the checkpoint does not fit this model ({type(self).__name__}, backbone "
+                              f"{self.hparams.get('backbone')!r}): {summarize_state_dict_error(str(exc))}") from None
+
+    def on_train_start(self) -> None:
+        """After a mid-epoch resume, continue the epoch's running training accuracy from the checkpoint
+        (Lightning restores the loops after :meth:`on_load_checkpoint`, so the epoch is compared here)."""
+        epoch, state = getattr(self, "_pending_train_metric", (None, None))
+        self._pending_train_metric = (None, None)
+        if state and epoch == self.trainer.current_epoch:
+            for name, value in state.items():
+                cur = getattr(self.train_acc1, name, None)
+                if isinstance(cur, torch.Tensor) and cur.shape == value.shape:
+                    cur.copy_(value)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,3 +431,76 @@ class Classifier(L.LightningModule):
 
 def _is_quantizer_key(key: str) -> bool:
     return "quantizer." in key or key.startswith("meta")
+
+
+# ---------------------------------------------------------------------------- checkpoint checks
+def _class_name(path: str | None) -> str | None:
+    return str(path).rsplit(".", 1)[-1] if path else None
+
+
+def checkpoint_method(checkpoint: dict[str, Any]) -> str | None:
+    """Class path of the method that wrote a Lightning checkpoint, when recorded."""
+    meta = checkpoint.get("ltq")
+    if isinstance(meta, dict) and meta.get("method"):
+        return str(meta["method"])
+    hp = checkpoint.get("hyper_parameters")
+    if isinstance(hp, dict) and hp.get("_class_path"):
+        return str(hp["_class_path"])
+    return None
+
+
+def structural_keys(cls: type, *hparams: dict[str, Any]) -> list[str]:
+    """The hyper-parameters of ``cls`` (and of the given dicts) that define the computed network."""
+    keys = list(getattr(cls, "structural_hparams", Classifier.structural_hparams))
+    for hp in hparams:
+        for k in hp:
+            if k not in keys and not k.startswith("_") and ("bits" in k or k in ("skip_first", "skip_last", "overrides")):
+                keys.append(k)
+    return keys
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()} or None
+    return v
+
+
+def checkpoint_differences(checkpoint: dict[str, Any], cls: type, hparams: dict[str, Any]) -> list[str]:
+    """``["<what>: checkpoint <a>, model <b>", ...]`` for the method class and the structural
+    hyper-parameters (:func:`structural_keys`) in which a checkpoint differs from ``cls(**hparams)``
+    (one that only one side records counts as ``None`` on the other; empty containers equal ``None``)."""
+    out = []
+    ckpt_cls = _class_name(checkpoint_method(checkpoint))
+    if ckpt_cls and ckpt_cls != cls.__name__:
+        out.append(f"method: checkpoint {ckpt_cls}, model {cls.__name__}")
+    ckpt_hp = checkpoint.get("hyper_parameters")
+    if not isinstance(ckpt_hp, dict):
+        return out
+    for key in structural_keys(cls, ckpt_hp, hparams):
+        if key not in ckpt_hp and key not in hparams:
+            continue
+        a, b = _norm(ckpt_hp.get(key)), _norm(hparams.get(key))
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, model {b!r}")
+    return out
+
+
+def summarize_state_dict_error(message: str) -> str:
+    """One line out of torch's strict ``load_state_dict`` error (counts and one example each)."""
+    parts = []
+    for label, pattern in (("missing from the checkpoint", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected in the checkpoint", r"Unexpected key\(s\) in state_dict: (.*)")):
+        m = re.search(pattern, message)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} keys {label} (e.g. {', '.join(keys[:3])})")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", message)
+    if sizes:
+        name, a, b = sizes[0]
+        more = f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else ""
+        parts.append(f"shape of {name}: checkpoint ({a}), model ({b}){more}")
+    return "; ".join(parts) or " ".join(message.split())[:300]
+
