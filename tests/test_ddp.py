@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "fp": dict(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, scheduler="none"),
     "metaquant": dict(forward="bwn", meta="fcgrad", optimizer="sgd", lr=0.05, scheduler="none"),
-    "qat": dict(w_bits=4, a_bits=4, optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, scheduler="none"),
+    "qat": dict(w_bits=8, a_bits=8, optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, scheduler="none"),
     "ttq": dict(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, scheduler="none"),
     "apot": dict(bits=4, optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, scheduler="none"),
 }

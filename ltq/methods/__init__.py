@@ -7,8 +7,10 @@
 from ltq.methods.base import Classifier
 from ltq.methods.apot import APoT
 from ltq.methods.metaquant import MetaQuant
+from ltq.methods.ptq import PTQ
+from ltq.methods.qat import QAT
 from ltq.methods.ttq import TTQ
 
-METHODS = {"fp": Classifier, "ttq": TTQ, "apot": APoT, "metaquant": MetaQuant}
+METHODS = {"fp": Classifier, "ptq": PTQ, "qat": QAT, "ttq": TTQ, "apot": APoT, "metaquant": MetaQuant}
 
-__all__ = ["Classifier", "TTQ", "APoT", "MetaQuant", "METHODS"]
+__all__ = ["Classifier", "PTQ", "QAT", "TTQ", "APoT", "MetaQuant", "METHODS"]

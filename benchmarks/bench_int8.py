@@ -1,0 +1,117 @@
+"""Real int8 (torch.ao FX, x86 engine) against fp32 inference on the CPU, side by side.
+
+For ResNet-20 (3×32×32) and the TFLite-style CNN (1×28×28), at batch 1 and 64, this prints the
+median latency of
+
+* ``fp32``: the float network with BatchNorm folded into the convs (the fair float baseline),
+* ``int8``: the converted model (:class:`ltq.export.AoX86Backend`) of the same network after
+  8-bit PTQ (ltq's default policy: first conv and last Linear stay float; ``--all_layers``
+  quantizes them too),
+* ``int8 ts``: that model traced to TorchScript (the file ``ltq export --format int8`` writes),
+
+and the speed-up ``fp32 / int8`` as the median of per-round ratios (fp32 and int8 run
+alternately in each round, so load bursts on a shared machine hit both). Weights are random
+(speed does not depend on them) unless ``--ckpt BACKBONE=PATH`` gives an FP checkpoint; PTQ is
+calibrated on random inputs. ``torch.set_num_threads(--threads)`` (default 2).
+
+    python benchmarks/bench_int8.py [--threads 2] [--repeats 30] [--all_layers]
+
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import torch
+
+from ltq.export import get_backend, quiet_ao
+from ltq.models import build_backbone
+from ltq.nn import quantize_model, set_fake_quant_enabled, set_observers_enabled, uniform_policy
+from ltq.quant.fold import fold_bn
+
+MODELS = {"resnet20": (3, 32, 32), "cnn": (1, 28, 28)}
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compare(base, cand, repeats: int, warmup: int = 5) -> tuple[float, float, float]:
+    """Median seconds of ``base`` and ``cand`` and the median of per-round ``base/cand`` ratios."""
+    for _ in range(warmup):
+        base()
+        cand()
+    tb, tc, ratios = [], [], []
+    for _ in range(repeats):
+        a, b = _time(base), _time(cand)
+        tb.append(a)
+        tc.append(b)
+        ratios.append(a / b)
+    return statistics.median(tb), statistics.median(tc), statistics.median(ratios)
+
+
+def build(name: str, ckpt: str | None, all_layers: bool):
+    shape = MODELS[name]
+    torch.manual_seed(0)
+    fp = build_backbone(name, 10, shape[0]).eval()
+    if ckpt:
+        from ltq.methods.base import load_state_dict_file
+
+        fp.load_state_dict(load_state_dict_file(ckpt))
+    fp32 = fold_bn(fp).eval()
+    q = quantize_model(
+        fold_bn(fp), uniform_policy(8, 8, act_observer="minmax", skip_first=not all_layers, skip_last=not all_layers)
+    ).eval()
+    calib = [torch.randn(32, *shape) for _ in range(4)]
+    set_fake_quant_enabled(q, False)
+    with torch.no_grad():
+        for x in calib:
+            q(x)
+    set_observers_enabled(q, False)
+    set_fake_quant_enabled(q, True)
+    backend = get_backend("ao_x86")
+    int8 = backend.convert(q, calib=calib)
+    buf = io.BytesIO()
+    with quiet_ao(), torch.no_grad():
+        traced = torch.jit.trace(int8, calib[0][:1], check_trace=False)
+        torch.jit.save(traced, buf)
+    fbuf = io.BytesIO()
+    torch.save(fp32.state_dict(), fbuf)
+    return fp32, int8, traced, shape, buf.getbuffer().nbytes, fbuf.getbuffer().nbytes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--models", default="resnet20,cnn")
+    p.add_argument("--all_layers", action="store_true", help="also quantize the first conv and the last Linear")
+    p.add_argument("--ckpt", action="append", default=[], help="BACKBONE=PATH of an FP checkpoint (optional)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ckpts = dict(c.split("=", 1) for c in args.ckpt)
+    print(f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}, threads {torch.get_num_threads()}, "
+          f"{'all layers int8' if args.all_layers else 'first conv + last Linear float'}")  # fmt: skip
+    print(f"{'model':10s} {'batch':>5s} {'fp32 ms':>9s} {'int8 ms':>9s} {'fp32/int8':>9s} {'int8 ts ms':>10s} {'fp32/ts':>8s} "
+          f"{'max|diff|':>9s}")  # fmt: skip
+    for name in args.models.split(","):
+        fp32, int8, traced, shape, ts_bytes, fp_bytes = build(name, ckpts.get(name), args.all_layers)
+        for bs in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(bs, *shape)
+            with torch.inference_mode(), quiet_ao():
+                diff = (fp32(x) - int8(x)).abs().max().item()
+                tf, ti, r = compare(lambda: fp32(x), lambda: int8(x), args.repeats)
+                _, tt, rt = compare(lambda: fp32(x), lambda: traced(x), args.repeats)
+            print(f"{name:10s} {bs:>5d} {tf * 1e3:>9.3f} {ti * 1e3:>9.3f} {r:>9.2f} {tt * 1e3:>10.3f} {rt:>8.2f} {diff:>9.3g}")
+        print(f"{'':10s} size: fp32 state_dict {fp_bytes / 1024:.1f} KiB, int8 TorchScript {ts_bytes / 1024:.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()
