@@ -88,3 +88,47 @@ def test_two_process_training_equals_one_process(name):
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-3 * scale, msg=lambda m: f"{name}: {key}: {m}")
         else:
             assert torch.equal(two[key], one[key]), key
+
+
+def calibrate(devices: int, tmp_path) -> dict[str, torch.Tensor]:
+    """PTQ `validate` (calibration + evaluation) of a tiny FP cnn on the embedded Fashion-MNIST sample."""
+    from ltq.data import FashionMNISTDataModule
+
+    seed_everything(0)
+    fp = tmp_path / "fp.pt"
+    if not fp.exists():
+        torch.save(METHODS["fp"](backbone="cnn", num_classes=10, in_channels=1).model.state_dict(), fp)
+    model = METHODS["ptq"](backbone="cnn", num_classes=10, in_channels=1, fp_checkpoint=str(fp), w_bits=8, a_bits=8,
+                           calib_batches=4, deployed_eval=False, save_calibrated=False)
+    dm = FashionMNISTDataModule(root=str(tmp_path / "absent"), batch_size=32, num_workers=0, limit_train_samples=512)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                      limit_val_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[RanksAgreeAfterValidation(tmp_path / "rank0.pt")] if devices > 1 else [])
+    trainer.validate(model, datamodule=dm)
+    if devices > 1:  # ddp_spawn sends weights back only after fit: read rank 0's state from disk
+        return torch.load(tmp_path / "rank0.pt", weights_only=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class RanksAgreeAfterValidation(RanksAgree):
+    def __init__(self, path):
+        self.path = str(path)
+
+    def on_validation_end(self, trainer, pl_module):
+        self.on_train_end(trainer, pl_module)
+        if trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), self.path)
+
+
+def test_ptq_calibration_two_processes_equals_one(tmp_path):
+    if "ptq" not in METHODS:
+        pytest.skip("PTQ not registered")
+    one = calibrate(1, tmp_path)
+    two = calibrate(2, tmp_path)
+    observers = [k for k in one if "observer" in k]
+    assert observers, "PTQ model has no observer state"
+    for key in one:
+        if torch.is_floating_point(one[key]):
+            torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+        else:
+            assert torch.equal(two[key], one[key]), key

@@ -60,11 +60,14 @@ def test_wandb_offline_run_holds_summary_and_histograms(tmp_path, monkeypatch):
 def test_report_compares_runs(tmp_path, capsys):
     run_cli(["fit", *tiny_run(tmp_path, "fp")])
     run_cli(["fit", *tiny_run(tmp_path, "bwn", "--model", "ltq.methods.MetaQuant", "--model.forward", "bwn", "--model.meta", "ste")])
+    run_cli(["fit", *tiny_run(tmp_path, "ttq", "--model", "ltq.methods.TTQ", "--model.skip_last", "false")])
     out = tmp_path / "report"
-    assert main(["report", str(tmp_path / "fp"), str(tmp_path / "bwn"), "--out", str(out)]) == 0
+    assert main(["report", str(tmp_path / "fp"), str(tmp_path / "bwn"), str(tmp_path / "ttq"), "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "report.csv").open()))
-    assert {r["method"] for r in rows} == {"fp", "metaquant"}
-    assert {r["w_bits"] for r in rows} == {"32", "1"}
+    assert {r["method"] for r in rows} == {"fp", "metaquant", "ttq"}
+    assert {r["w_bits"] for r in rows} >= {"32", "1"}
+    ttq_row = next(r for r in rows if r["method"] == "ttq")
+    assert 0 < float(ttq_row["sparsity"]) < 1
     fp_row = next(r for r in rows if r["method"] == "fp")
     assert float(fp_row["size_ratio"]) == pytest.approx(1.0)
     assert float(next(r for r in rows if r["method"] == "metaquant")["size_ratio"]) > 10
