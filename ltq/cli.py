@@ -42,6 +42,19 @@ from ltq.errors import ConfigError
 log = logging.getLogger("ltq")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at emit time (not the stream of the
+    moment it was created), so redirected or captured stderr keeps working across runs."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _quiet() -> None:
     # torch.ao.quantization is deprecated in torch 2.14 but still the int8 CPU backend we use.
     warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
@@ -51,7 +64,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     logger = logging.getLogger("ltq")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("ltq: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

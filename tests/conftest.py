@@ -262,15 +262,18 @@ def real_fashion_mnist_gz_dir() -> Path:
 
 
 # =============================================================================================
-# Global torch state: a test that runs a config with `trainer.deterministic: true` switches on
-# torch.use_deterministic_algorithms for the whole process; restore it after every test so later
-# tests (e.g. the int8 path, whose quantized resize has no deterministic variant) are unaffected.
+# Global torch state, for every test: one thread (tiny models run fastest so, and far faster on
+# a shared, busy CPU); and torch.use_deterministic_algorithms, which a run with
+# `trainer.deterministic: true` switches on for the whole process, is restored afterwards (the
+# int8 path's quantized resize has no deterministic variant).
 # =============================================================================================
 @pytest.fixture(autouse=True)
-def _restore_torch_determinism():
+def _isolated_torch_state():
     import torch
 
-    flag = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    n = torch.get_num_threads()
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
     yield
-    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(det, warn_only=warn_only)

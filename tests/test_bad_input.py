@@ -23,18 +23,6 @@ from ltq.errors import ConfigError
 from ltq.methods import METHODS, Classifier
 
 
-@pytest.fixture(autouse=True)
-def _isolated_torch_state():
-    """One thread (tiny models run fastest so, and far faster on a shared, busy CPU); and the
-    process-wide flags a run with ``trainer.deterministic: true`` sets are restored afterwards."""
-    n = torch.get_num_threads()
-    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(det, warn_only=warn_only)
-
-
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
