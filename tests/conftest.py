@@ -274,6 +274,8 @@ def _isolated_torch_state():
     n = torch.get_num_threads()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
+    # a module- or session-scoped fixture that ran a deterministic config may have left it on
+    torch.use_deterministic_algorithms(False)
     yield
     torch.set_num_threads(n)
     torch.use_deterministic_algorithms(det, warn_only=warn_only)
