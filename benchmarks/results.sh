@@ -24,6 +24,7 @@ CIFAR_FP_EPOCHS=${CIFAR_FP_EPOCHS:-4}
 CIFAR_FT_EPOCHS=${CIFAR_FT_EPOCHS:-1}
 TINY_FP_EPOCHS=${TINY_FP_EPOCHS:-4}
 TINY_TTQ_EPOCHS=${TINY_TTQ_EPOCHS:-2}
+CIFAR_LIMIT=${CIFAR_LIMIT:-}   # e.g. 20000: train on a fixed random subset of the 45k training split
 mkdir -p "$OUT/logs"
 COMMON=(--trainer.enable_progress_bar false)
 
@@ -65,11 +66,12 @@ fashion() {
 }
 
 cifar() {
-  local fp=$OUT/fp/resnet20_cifar10 ck
+  local fp=$OUT/fp/resnet20_cifar10 ck lim=()
   ck=$fp/checkpoints/best.ckpt
-  row "fp/resnet20" "$fp" ltq fit --config configs/fp/resnet20_cifar10.yaml --data.root "$CIFAR" \
+  [ -n "$CIFAR_LIMIT" ] && lim=(--data.limit_train_samples "$CIFAR_LIMIT")
+  row "fp/resnet20" "$fp" ltq fit --config configs/fp/resnet20_cifar10.yaml --data.root "$CIFAR" "${lim[@]}" \
     --trainer.max_epochs "$CIFAR_FP_EPOCHS" --model.scheduler cosine
-  local ft=(--data.root "$CIFAR" --trainer.max_epochs "$CIFAR_FT_EPOCHS")
+  local ft=(--data.root "$CIFAR" --trainer.max_epochs "$CIFAR_FT_EPOCHS" "${lim[@]}")
   row "qat/resnet20/w8a8" "$OUT/qat/resnet20_w8a8" ltq fit --config configs/qat/resnet20_cifar10.yaml "${ft[@]}" --model.fp_checkpoint "$ck"
   for b in 4 3 2; do
     row "apot/resnet20/${b}bit" "$OUT/apot/resnet20_${b}bit" ltq fit --config configs/apot/resnet20_cifar10.yaml "${ft[@]}" \
