@@ -3,7 +3,8 @@
 A step is what the Trainer does per batch: forward, backward, optimizer step and the method's
 per-step callbacks (e.g. TTQ requantization), measured with a callback around each batch.
 Methods are measured in interleaved rounds (FP, A, B, ..., FP, A, B, ...) so that machine noise
-hits all of them alike; the table reports the median step time over rounds and its ratio to FP.
+hits all of them alike; the table reports the median step time over rounds and the median over
+rounds of the per-round ratio to FP (each ratio compares two measurements taken seconds apart).
 
     python benchmarks/bench_train_step.py [--rounds 3] [--steps 6] [--threads 2] [--batch 128]
 """
@@ -74,12 +75,13 @@ def main() -> None:
     for _ in range(args.rounds):
         for label, method, kwargs in cases:
             results[label].append(measure(method, kwargs, args.steps, args.batch))
-    fp = statistics.median(results["fp"])
+    fp = results["fp"]
     print(f"ResNet-20, batch {args.batch}, {args.threads} threads, median of {args.rounds} rounds x {args.steps} steps")
-    print(f"{'method':28s} {'step (ms)':>10s} {'x FP':>6s}")
+    print(f"{'method':28s} {'step (ms)':>10s} {'x FP':>6s} {'(min-max over rounds)':>22s}")
     for label, _, _ in cases:
+        ratios = [t / f for t, f in zip(results[label], fp)]
         t = statistics.median(results[label])
-        print(f"{label:28s} {1000 * t:10.1f} {t / fp:6.2f}")
+        print(f"{label:28s} {1000 * t:10.1f} {statistics.median(ratios):6.2f} {min(ratios):>14.2f}-{max(ratios):.2f}")
 
 
 if __name__ == "__main__":
