@@ -5,16 +5,18 @@ median latency of
 
 * ``fp32``: the float network with BatchNorm folded into the convs (the fair float baseline),
 * ``int8``: the converted model (:class:`ltq.export.AoX86Backend`) of the same network after
-  8-bit PTQ (ltq's default policy: first conv and last Linear stay float; ``--all_layers``
-  quantizes them too),
-* ``int8 ts``: that model traced to TorchScript (the file ``ltq export --format int8`` writes),
+  8-bit PTQ with the layer policy of the model's PTQ/QAT configs (``--policy config``): ResNet-20
+  keeps its first conv and last Linear float (``configs/ptq/resnet20_cifar10.yaml``), the CNN
+  is int8 throughout like its TFLite-style original (``configs/ptq/cnn_fashionmnist.yaml``);
+  ``--policy all`` / ``skip`` quantizes / keeps float the first and last layer of both,
+* ``ts``: both traced to TorchScript (the int8 one is the file ``ltq export --format int8`` writes),
 
-and the speed-up ``fp32 / int8`` as the median of per-round ratios (fp32 and int8 run
+and the speed-ups ``fp32 / int8`` (eager and TorchScript) as the median of per-round ratios (fp32 and int8 run
 alternately in each round, so load bursts on a shared machine hit both). Weights are random
 (speed does not depend on them) unless ``--ckpt BACKBONE=PATH`` gives an FP checkpoint; PTQ is
 calibrated on random inputs. ``torch.set_num_threads(--threads)`` (default 2).
 
-    python benchmarks/bench_int8.py [--threads 2] [--repeats 30] [--all_layers]
+    python benchmarks/bench_int8.py [--threads 2] [--repeats 30] [--policy config|all|skip]
 
 Not part of the test suite.
 """
@@ -34,6 +36,8 @@ from ltq.nn import quantize_model, set_fake_quant_enabled, set_observers_enabled
 from ltq.quant.fold import fold_bn
 
 MODELS = {"resnet20": (3, 32, 32), "cnn": (1, 28, 28)}
+# Does the model's PTQ/QAT config quantize its first conv and last Linear too (skip_first/skip_last false)?
+CONFIG_ALL_LAYERS = {"resnet20": False, "cnn": True}
 
 
 def _time(fn) -> float:
@@ -81,9 +85,10 @@ def build(name: str, ckpt: str | None, all_layers: bool):
     with quiet_ao(), torch.no_grad():
         traced = torch.jit.trace(int8, calib[0][:1], check_trace=False)
         torch.jit.save(traced, buf)
+        fp32_ts = torch.jit.trace(fp32, calib[0][:1], check_trace=False)
     fbuf = io.BytesIO()
     torch.save(fp32.state_dict(), fbuf)
-    return fp32, int8, traced, shape, buf.getbuffer().nbytes, fbuf.getbuffer().nbytes
+    return fp32, int8, fp32_ts, traced, shape, buf.getbuffer().nbytes, fbuf.getbuffer().nbytes
 
 
 def main() -> None:
@@ -92,25 +97,28 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--batches", default="1,64")
     p.add_argument("--models", default="resnet20,cnn")
-    p.add_argument("--all_layers", action="store_true", help="also quantize the first conv and the last Linear")
+    p.add_argument("--policy", choices=("config", "all", "skip"), default="config",
+                   help="first conv / last Linear: as the model's configs, all int8, or kept float")
     p.add_argument("--ckpt", action="append", default=[], help="BACKBONE=PATH of an FP checkpoint (optional)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpts = dict(c.split("=", 1) for c in args.ckpt)
-    print(f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}, threads {torch.get_num_threads()}, "
-          f"{'all layers int8' if args.all_layers else 'first conv + last Linear float'}")  # fmt: skip
-    print(f"{'model':10s} {'batch':>5s} {'fp32 ms':>9s} {'int8 ms':>9s} {'fp32/int8':>9s} {'int8 ts ms':>10s} {'fp32/ts':>8s} "
-          f"{'max|diff|':>9s}")  # fmt: skip
+    print(f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}, threads {torch.get_num_threads()}")
+    print(f"{'model':10s} {'batch':>5s} {'fp32 ms':>9s} {'int8 ms':>9s} {'speed-up':>8s}   {'fp32 ts ms':>10s} {'int8 ts ms':>10s} "
+          f"{'speed-up':>8s} {'max|fp32-int8|':>14s}")  # fmt: skip
     for name in args.models.split(","):
-        fp32, int8, traced, shape, ts_bytes, fp_bytes = build(name, ckpts.get(name), args.all_layers)
+        all_layers = CONFIG_ALL_LAYERS[name] if args.policy == "config" else args.policy == "all"
+        fp32, int8, fp32_ts, traced, shape, ts_bytes, fp_bytes = build(name, ckpts.get(name), all_layers)
         for bs in (int(b) for b in args.batches.split(",")):
             x = torch.randn(bs, *shape)
             with torch.inference_mode(), quiet_ao():
                 diff = (fp32(x) - int8(x)).abs().max().item()
                 tf, ti, r = compare(lambda: fp32(x), lambda: int8(x), args.repeats)
-                _, tt, rt = compare(lambda: fp32(x), lambda: traced(x), args.repeats)
-            print(f"{name:10s} {bs:>5d} {tf * 1e3:>9.3f} {ti * 1e3:>9.3f} {r:>9.2f} {tt * 1e3:>10.3f} {rt:>8.2f} {diff:>9.3g}")
-        print(f"{'':10s} size: fp32 state_dict {fp_bytes / 1024:.1f} KiB, int8 TorchScript {ts_bytes / 1024:.1f} KiB")
+                tft, tt, rt = compare(lambda: fp32_ts(x), lambda: traced(x), args.repeats)
+            print(f"{name:10s} {bs:>5d} {tf * 1e3:>9.3f} {ti * 1e3:>9.3f} {r:>8.2f}x  {tft * 1e3:>10.3f} {tt * 1e3:>10.3f} "
+                  f"{rt:>8.2f}x {diff:>14.3g}")  # fmt: skip
+        print(f"{'':10s} {'all layers int8' if all_layers else 'first conv + last Linear float'}; "
+              f"size: fp32 state_dict {fp_bytes / 1024:.1f} KiB, int8 TorchScript {ts_bytes / 1024:.1f} KiB")
 
 
 if __name__ == "__main__":
