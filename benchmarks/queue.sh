@@ -4,6 +4,7 @@
 # sooner than the same runs one after another with 2 threads each).
 #
 #   bash benchmarks/queue.sh QUEUE_FILE [WORKERS=2]
+#   (e.g. `bash benchmarks/results.sh queue cifar fashion "0 1 2" tiny > q && bash benchmarks/queue.sh q`)
 #
 # Each line of QUEUE_FILE is  `PREREQ NAME ROOT ltq ARGS...`  (whitespace-separated, no quoting):
 # the row is started only once the file PREREQ exists (`-` for none), e.g. the FP checkpoint a
