@@ -88,10 +88,14 @@ cifar() {
       --data.root "$CIFAR" --model.fp_checkpoint "$ck" --model.w_bits $b --model.a_bits $b
   done
   local ft=(--data.root "$CIFAR" --trainer.max_epochs "$CIFAR_FT_EPOCHS" "${lim[@]}")
-  row "qat/resnet20/w8a8" "$OUT/qat/resnet20_w8a8" ltq fit --config configs/qat/resnet20_cifar10.yaml "${ft[@]}" --model.fp_checkpoint "$ck"
+  # the fine-tunes run CIFAR_FT_EPOCHS with the configs' lr / 10 for QAT and APoT (the configs carry the
+  # originals' 15- and 300-epoch schedules; at their lr one epoch from the converged FP model loses 2-8 points)
+  row "qat/resnet20/w8a8" "$OUT/qat/resnet20_w8a8" ltq fit --config configs/qat/resnet20_cifar10.yaml "${ft[@]}" --model.fp_checkpoint "$ck" \
+    --model.lr 0.001
   for b in 4 3 2; do
     row "apot/resnet20/${b}bit" "$OUT/apot/resnet20_${b}bit" ltq fit --config configs/apot/resnet20_cifar10.yaml "${ft[@]}" \
-      --model.init_checkpoint "$ck" --model.bits $b --model.scheduler cosine
+      --model.init_checkpoint "$ck" --model.bits $b --model.scheduler cosine --model.lr 0.004 --model.weight_alpha_lr 0.002 \
+      --model.act_alpha_lr 0.01
   done
   row "ttq/resnet20" "$OUT/ttq/resnet20" ltq fit --config configs/ttq/resnet20_cifar10.yaml "${ft[@]}" --model.fp_checkpoint "$ck"
   for meta in ste lstmfc; do
