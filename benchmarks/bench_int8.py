@@ -27,6 +27,7 @@ import argparse
 import io
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,8 +37,17 @@ from ltq.nn import quantize_model, set_fake_quant_enabled, set_observers_enabled
 from ltq.quant.fold import fold_bn
 
 MODELS = {"resnet20": (3, 32, 32), "cnn": (1, 28, 28)}
-# Does the model's PTQ/QAT config quantize its first conv and last Linear too (skip_first/skip_last false)?
-CONFIG_ALL_LAYERS = {"resnet20": False, "cnn": True}
+# The PTQ config whose layer policy --policy config follows, per model.
+PTQ_CONFIGS = {"resnet20": "configs/ptq/resnet20_cifar10.yaml", "cnn": "configs/ptq/cnn_fashionmnist.yaml"}
+
+
+def config_all_layers(name: str) -> bool:
+    """Does the model's PTQ config quantize its first conv and last Linear too (skip_first/skip_last false)?"""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / PTQ_CONFIGS[name]
+    init = yaml.safe_load(path.read_text())["model"]["init_args"]
+    return not init.get("skip_first", True) and not init.get("skip_last", True)
 
 
 def _time(fn) -> float:
@@ -107,7 +117,7 @@ def main() -> None:
     print(f"{'model':10s} {'batch':>5s} {'fp32 ms':>9s} {'int8 ms':>9s} {'speed-up':>8s}   {'fp32 ts ms':>10s} {'int8 ts ms':>10s} "
           f"{'speed-up':>8s} {'max|fp32-int8|':>14s}")  # fmt: skip
     for name in args.models.split(","):
-        all_layers = CONFIG_ALL_LAYERS[name] if args.policy == "config" else args.policy == "all"
+        all_layers = config_all_layers(name) if args.policy == "config" else args.policy == "all"
         fp32, int8, fp32_ts, traced, shape, ts_bytes, fp_bytes = build(name, ckpts.get(name), all_layers)
         for bs in (int(b) for b in args.batches.split(",")):
             x = torch.randn(bs, *shape)

@@ -121,8 +121,6 @@ class RanksAgreeAfterValidation(RanksAgree):
 
 
 def test_ptq_calibration_two_processes_equals_one(tmp_path):
-    if "ptq" not in METHODS:
-        pytest.skip("PTQ not registered")
     one = calibrate(1, tmp_path)
     two = calibrate(2, tmp_path)
     observers = [k for k in one if "observer" in k]
